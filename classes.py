@@ -29,11 +29,32 @@ from einops.layers.torch import Rearrange
 from torch import nn
 
 
-def pair(value):
-    """Return `value` as a (height, width) tuple; an int means a square."""
-    if isinstance(value, tuple):
-        return value
-    return (value, value)
+def pair(value, name="size"):
+    """Return `value` as a (height, width) tuple of positive ints; one int means a square."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(values) != 2:
+        raise ValueError(f"{name} must be an int or a (height, width) pair; got {value!r}")
+    for item in values:
+        check_int(name, item, minimum=1)
+    return values
+
+
+def check_int(name, value, minimum=1):
+    """Raise ValueError unless `value` is an int (not a bool) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer of at least {minimum}; got {value!r}")
+
+
+def check_dropout(value):
+    """Raise ValueError unless `value` is a probability in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f"dropout must be in [0, 1); got {value!r}")
+
+
+def check_transformer_sizes(prefix="", **sizes):
+    """Raise ValueError naming the first of `sizes` (depth may be 0, the rest at least 1) that is invalid."""
+    for name, value in sizes.items():
+        check_int(prefix + name, value, minimum=0 if name == "depth" else 1)
 
 
 def sincos_position_embedding(grid_height, grid_width, dim):
@@ -218,8 +239,13 @@ class ViT(nn.Module):
         dropout=0.0,
     ):
         super().__init__()
-        image_height, image_width = pair(image_size)
-        patch_height, patch_width = pair(patch_size)
+        image_height, image_width = pair(image_size, "image_size")
+        patch_height, patch_width = pair(patch_size, "patch_size")
+        check_int("channels", channels)
+        check_transformer_sizes(dim=dim, depth=depth, heads=heads, dim_head=dim_head, mlp_dim=mlp_dim)
+        check_dropout(dropout)
+        if num_classes is not None:
+            check_int("num_classes", num_classes)
         if image_height % patch_height != 0 or image_width % patch_width != 0:
             raise ValueError(
                 f"patch size {patch_height}x{patch_width} does not divide image size "
@@ -277,12 +303,17 @@ class ViT(nn.Module):
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
 
+    @property
+    def input_shape(self):
+        """The (channels, height, width) of the images the model was built for."""
+        return (self.channels, *self.image_size)
+
     def patchify(self, img):
         """Cut images into flattened patches: (B, C, H, W) -> (B, N, P).
 
         Raises ValueError if the images do not have the shape the model was built for.
         """
-        expected = (self.channels, *self.image_size)
+        expected = self.input_shape
         if img.dim() != 4 or tuple(img.shape[1:]) != expected:
             raise ValueError(
                 f"expected images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}) "
@@ -586,6 +617,14 @@ class MAE(nn.Module):
             mlp_dim=mlp_dim,
             use_cls_token=use_cls_token,
         )
+        check_transformer_sizes(
+            "decoder_",
+            dim=decoder_dim,
+            depth=decoder_depth,
+            heads=decoder_heads,
+            dim_head=decoder_dim_head,
+            mlp_dim=decoder_mlp_dim,
+        )
         count_visible_patches(self.encoder.num_patches, masking_ratio)
         self.masking_ratio = masking_ratio
         self.norm_pix_loss = norm_pix_loss
@@ -600,6 +639,11 @@ class MAE(nn.Module):
             dim_head=decoder_dim_head,
             mlp_dim=decoder_mlp_dim,
         )
+
+    @property
+    def input_shape(self):
+        """The (channels, height, width) of the images the model was built for."""
+        return self.encoder.input_shape
 
     def targets(self, patches):
         """Return the regression targets for `patches` (B, N, P): the pixels, or per-patch normalised pixels."""
@@ -960,6 +1004,14 @@ class JEPA(nn.Module):
             momentum_start=momentum_start,
             momentum_end=momentum_end,
         )
+        check_transformer_sizes(
+            "predictor_",
+            dim=predictor_dim,
+            depth=predictor_depth,
+            heads=predictor_heads,
+            dim_head=predictor_dim_head,
+            mlp_dim=predictor_mlp_dim,
+        )
         if not 0 <= momentum_start <= momentum_end <= 1:
             raise ValueError(
                 f"momentum must satisfy 0 <= momentum_start <= momentum_end <= 1; "
@@ -1002,6 +1054,11 @@ class JEPA(nn.Module):
     def encoder(self):
         """The encoder whose features are evaluated: the target encoder, as in I-JEPA."""
         return self.target_encoder
+
+    @property
+    def input_shape(self):
+        """The (channels, height, width) of the images the model was built for."""
+        return self.context_encoder.input_shape
 
     @torch.no_grad()
     def target_embeddings(self, img):

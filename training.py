@@ -187,6 +187,18 @@ class TrainConfig:
         resolve_precision(self.precision, "cpu")
 
 
+def check_image_shape(model, dataset):
+    """Raise ValueError before training when the data's images do not have the model's input shape."""
+    expected = tuple(model.input_shape)
+    found = tuple(dataset.images.shape[1:])
+    if found != expected:
+        raise ValueError(
+            f"the {dataset.split} images have shape (channels, height, width) = {found}, but the "
+            f"model was built for {expected}; build the model with channels={found[0]} and "
+            f"image_size={found[1:]}, or resize the data"
+        )
+
+
 def build_optimizer(model, config):
     """Return AdamW over the trainable parameters, without weight decay on biases, norms and tokens."""
     decay, no_decay = [], []
@@ -302,6 +314,9 @@ def train(
     config.validate()
     if len(train_set) == 0:
         raise ValueError("the training set is empty; pass a data set with at least one image")
+    check_image_shape(model, train_set)
+    if test_set is not None:
+        check_image_shape(model, test_set)
     last_epoch = config.epochs if stop_after_epoch is None else stop_after_epoch
     if not 1 <= last_epoch <= config.epochs:
         raise ValueError(

@@ -1,10 +1,12 @@
 """Tests of checkpoint files: round trip, atomic writes, safe loading, resume, interruption and failure."""
 
+import contextlib
 import os
 from unittest import mock
 
 import pytest
 import torch
+from torch import serialization
 
 import checkpoints
 from checkpoints import build_model, load_checkpoint, load_model, make_checkpoint, save_checkpoint
@@ -109,24 +111,38 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     with pytest.raises(ValueError) as error:
         load_model(path)
     message = str(error.value)
-    assert "missing keys" in message and "decoder.mask_token" in message
-    assert "unexpected keys" in message and "extra.weight" in message
+    assert "missing keys" in message
+    assert "decoder.mask_token" in message
+    assert "unexpected keys" in message
+    assert "extra.weight" in message
 
 
-def test_checkpoint_moved_from_accelerator_loads_on_cpu(tmp_path):
-    # torch.load applies map_location to every tensor; simulate a file whose tensors report another device
-    path = save_checkpoint(tmp_path / "model.pt", make_checkpoint(tiny_mae()))
-    seen = []
-    original = torch.load
+@contextlib.contextmanager
+def tensors_tagged_as_cuda():
+    """Make torch.save record every tensor as stored on cuda:0, as a file saved on a GPU is."""
 
-    def record(*args, **kwargs):
-        seen.append(kwargs.get("map_location"))
-        return original(*args, **kwargs)
+    def tag(storage):
+        return "cuda:0"
 
-    with mock.patch("checkpoints.torch.load", side_effect=record):
-        model = load_model(path)
-    assert seen == ["cpu"]
-    assert all(p.device.type == "cpu" for p in model.parameters())
+    serialization.register_package(1, tag, lambda storage, location: None)
+    try:
+        yield
+    finally:
+        serialization._package_registry[:] = [
+            entry for entry in serialization._package_registry if entry[1] is not tag
+        ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_checkpoint_saved_on_cuda_loads_on_cpu(tmp_path):
+    model = tiny_mae()
+    with tensors_tagged_as_cuda():
+        path = save_checkpoint(tmp_path / "gpu.pt", make_checkpoint(model))
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(path, weights_only=True)  # a plain load fails on this machine
+    loaded = load_model(path)
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    assert torch.equal(loaded.decoder.mask_token, model.decoder.mask_token)
 
 
 def test_checkpoint_written_every_epoch(tmp_path):
@@ -219,5 +235,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError) as error:
         train(model, bad, None, quiet_config(epochs=2), checkpoint_path=path, show_progress=False)
     message = str(error.value)
-    assert "epoch 1" in message and "step" in message and "last finite loss" in message
+    assert "epoch 1" in message
+    assert "step" in message
+    assert "last finite loss" in message
     assert path.read_bytes() == before

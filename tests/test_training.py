@@ -139,6 +139,16 @@ def test_invalid_train_config_raises_before_training(field, value):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.parametrize("shape", [(3, 8, 8), (1, 16, 16), (1, 8, 12)])
+def test_images_of_another_shape_raise_before_training(shape):
+    model = tiny_mae()
+    before = [p.clone() for p in model.parameters()]
+    data = ImageDataset(torch.rand(16, *shape), torch.zeros(16, dtype=torch.int64), ["x"], "tiny", "train")
+    with pytest.raises(ValueError, match=r"model was built for \(1, 8, 8\)"):
+        train(model, data, None, quiet_config(), show_progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_empty_training_set_raises():
     empty = ImageDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.int64), [], "tiny", "train")
     with pytest.raises(ValueError, match="empty"):
