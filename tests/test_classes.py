@@ -312,7 +312,8 @@ def test_reconstruct_outputs_and_restores_mode():
     assert model.training
     for image in (result.masked, result.reconstruction, result.pasted):
         assert image.shape == (3, 1, 28, 28)
-        assert image.min() >= 0 and image.max() <= 1
+        assert image.min() >= 0
+        assert image.max() <= 1
     assert result.mask.shape == (3, 1, 28, 28)
     visible = result.mask == 0
     torch.testing.assert_close(result.pasted[visible], images[visible])

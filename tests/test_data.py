@@ -17,7 +17,8 @@ def test_load_from_data_dir(data_dir, name, split, size):
     assert dataset.images.shape == (size, 1, 28, 28)
     assert dataset.images.dtype == torch.float32
     assert dataset.labels.dtype == torch.int64
-    assert 0.0 <= dataset.images.min() and dataset.images.max() <= 1.0
+    assert dataset.images.min() >= 0.0
+    assert dataset.images.max() <= 1.0
     assert sorted(dataset.labels.unique().tolist()) == list(range(10))
 
 
