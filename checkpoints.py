@@ -2,10 +2,11 @@
 
 A checkpoint is a dict of tensors and plain Python values (str, int, float,
 bool, None, lists, tuples, dicts), saved with `torch.save` and read back with
-`torch.load(weights_only=True)`, which rejects anything else. It holds the
+`torch.load(weights_only=True)`, which rejects anything else. It contains the
 model's class name and constructor arguments, so `build_model` can rebuild the
-model without the code that trained it, plus, for resuming, the optimizer and
-scheduler state, the epoch, the random-number generator states and the history.
+model without the code that trained it. For resuming, it also contains the
+optimizer and scheduler state, the epoch, the random-number generator states
+and the history.
 """
 
 import os
@@ -94,7 +95,7 @@ def load_checkpoint(path, map_location="cpu"):
 
     `map_location` moves every tensor, so a file saved on CUDA or MPS loads on
     a CPU-only machine. Raises FileNotFoundError for a missing file and
-    ValueError for a file that is truncated, is not a PyTorch file, holds
+    ValueError for a file that is truncated, is not a PyTorch file, contains
     objects other than tensors and plain values, or is not a checkpoint of
     this project.
     """
@@ -105,9 +106,9 @@ def load_checkpoint(path, map_location="cpu"):
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(
-            f"{str(path)!r} is not a checkpoint of this project: it holds objects other than "
+            f"{str(path)!r} is not a checkpoint of this project: it contains objects other than "
             f"tensors and plain values, which weights_only loading rejects so that a file can "
-            f"never run code ({error})"
+            f"never run code ({unpickler_reason(error)})"
         ) from error
     except Exception as error:  # noqa: BLE001 - a damaged file can fail in any of the unpickler's steps
         raise ValueError(
@@ -131,6 +132,15 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
+def unpickler_reason(error):
+    """Return the line of a weights_only UnpicklingError that names the rejected object."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            return line
+    return lines[0] if lines else type(error).__name__
+
+
 def load_model_state(model, state, source="checkpoint"):
     """Load a state dict into `model`, raising ValueError that lists missing and unexpected keys."""
     result = model.load_state_dict(state, strict=False)
@@ -146,11 +156,11 @@ def build_model(checkpoint, device="cpu"):
     name = checkpoint["model_class"]
     if name not in MODEL_CLASSES:
         raise ValueError(
-            f"checkpoint holds a model of class {name!r}, which this code cannot rebuild; "
+            f"checkpoint contains a model of class {name!r}, which this code cannot rebuild; "
             f"known classes: {sorted(MODEL_CLASSES)}"
         )
     model = MODEL_CLASSES[name](**checkpoint["model_config"])
-    load_model_state(model, checkpoint["model_state"], source=f"checkpoint of a {name}")
+    load_model_state(model, checkpoint["model_state"], source=f"checkpoint of model class {name}")
     return model.to(device)
 
 

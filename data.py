@@ -2,7 +2,7 @@
 
 The data sets are read once through torchvision and kept as one float32
 tensor of images (N, 1, 28, 28) with values in [0, 1] and one int64 tensor of
-labels, so training slices batches from memory instead of collating images
+labels. Training then slices batches from memory instead of collating images
 through a per-image transform.
 
 The data directory comes from the `MIM_DATA_DIR` environment variable, or is
@@ -91,7 +91,7 @@ def check_data_dir(data_dir):
     """Raise ValueError if `data_dir` points inside a data set's folder instead of at its parent.
 
     torchvision looks for `<data_dir>/MNIST/raw/...`, so a path ending in
-    `MNIST`, `FashionMNIST` or `raw` that already holds the files is one level
+    `MNIST`, `FashionMNIST` or `raw` that already contains the files is one level
     (or two) too deep, and torchvision would download a second copy below it.
     """
     data_dir = Path(data_dir)
@@ -127,8 +127,8 @@ def load_dataset(name, split="train", data_dir=None, limit=None, download=True):
 
     `limit` keeps only the first `limit` images. torchvision reads the raw
     files in `<data_dir>/<MNIST or FashionMNIST>/raw/` and downloads them only
-    when they are missing; if that fails, the RuntimeError lists the files to
-    put there by hand.
+    when they are missing. If the download fails, the RuntimeError lists the
+    files to put there by hand.
     """
     name = check_dataset_name(name)
     if split not in ("train", "test"):
