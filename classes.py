@@ -220,6 +220,8 @@ class ViT(nn.Module):
 
     `pool="mean"` averages the patch tokens; `pool="cls"` takes the cls token.
     `num_classes=None` builds an encoder without a classification head.
+    `pixel_mean` and `pixel_std` standardise the pixels inside the model
+    (for MNIST 0.1307 and 0.3081), so images stay in [0, 1] everywhere else.
     """
 
     def __init__(
@@ -237,6 +239,8 @@ class ViT(nn.Module):
         use_cls_token=True,
         pool="mean",
         dropout=0.0,
+        pixel_mean=0.0,
+        pixel_std=1.0,
     ):
         super().__init__()
         image_height, image_width = pair(image_size, "image_size")
@@ -246,6 +250,8 @@ class ViT(nn.Module):
         check_dropout(dropout)
         if num_classes is not None:
             check_int("num_classes", num_classes)
+        if not pixel_std > 0:
+            raise ValueError(f"pixel_std must be positive; got {pixel_std!r}")
         if image_height % patch_height != 0 or image_width % patch_width != 0:
             raise ValueError(
                 f"patch size {patch_height}x{patch_width} does not divide image size "
@@ -278,7 +284,11 @@ class ViT(nn.Module):
             use_cls_token=use_cls_token,
             pool=pool,
             dropout=dropout,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
         )
+        self.pixel_mean = pixel_mean
+        self.pixel_std = pixel_std
 
         self.to_patches = Rearrange(
             "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_height, p2=patch_width
@@ -338,6 +348,8 @@ class ViT(nn.Module):
             index = keep_indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1])
             patches = torch.gather(patches, 1, index)  # [B, n, P]
             positions = positions[keep_indices]  # [B, n, D]
+        # standardise the pixels, so that a patch's content weighs as much as its position
+        patches = (patches - self.pixel_mean) / self.pixel_std
         tokens = self.patch_embedding(patches) + positions  # [B, n, D]
 
         if self.cls_token is not None:
@@ -364,7 +376,8 @@ class ViT(nn.Module):
 
     def attention_maps(self, img):
         """Return the attention weights of every block, each (B, heads, T, T), for plots."""
-        tokens = self.patch_embedding(self.patchify(img)) + self.pos_embedding
+        patches = (self.patchify(img) - self.pixel_mean) / self.pixel_std
+        tokens = self.patch_embedding(patches) + self.pos_embedding
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         _, maps = self.transformer(tokens, return_attention=True)
@@ -469,6 +482,8 @@ def count_visible_patches(num_patches, masking_ratio):
     return num_visible
 
 
+# torch.compile cannot trace a torch.Generator, so masks are drawn outside compiled graphs
+@torch.compiler.disable
 def random_masking(batch_size, num_patches, masking_ratio, device, generator=None):
     """Draw an independent random mask for each image by sorting uniform noise.
 
@@ -579,6 +594,8 @@ class MAE(nn.Module):
         dim_head=32,
         mlp_dim=512,
         use_cls_token=True,
+        pixel_mean=0.0,
+        pixel_std=1.0,
         decoder_dim=128,
         decoder_depth=2,
         decoder_heads=4,
@@ -598,6 +615,8 @@ class MAE(nn.Module):
             dim_head=dim_head,
             mlp_dim=mlp_dim,
             use_cls_token=use_cls_token,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
             decoder_dim=decoder_dim,
             decoder_depth=decoder_depth,
             decoder_heads=decoder_heads,
@@ -616,6 +635,8 @@ class MAE(nn.Module):
             dim_head=dim_head,
             mlp_dim=mlp_dim,
             use_cls_token=use_cls_token,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
         )
         check_transformer_sizes(
             "decoder_",
@@ -820,6 +841,7 @@ class MultiBlockMaskSampler:
         inside = (rows >= tops) & (rows < tops + height) & (cols >= lefts) & (cols < lefts + width)
         return inside.flatten(2)  # [B, count, num_patches]
 
+    @torch.compiler.disable
     def sample(self, batch_size, generator=None):
         """Draw masks for a batch and return `MultiBlockMasks` (index tensors on the CPU)."""
         grid_height, grid_width = self.grid_size
@@ -968,6 +990,8 @@ class JEPA(nn.Module):
         heads=4,
         dim_head=32,
         mlp_dim=512,
+        pixel_mean=0.0,
+        pixel_std=1.0,
         predictor_dim=64,
         predictor_depth=3,
         predictor_heads=4,
@@ -991,6 +1015,8 @@ class JEPA(nn.Module):
             heads=heads,
             dim_head=dim_head,
             mlp_dim=mlp_dim,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
             predictor_dim=predictor_dim,
             predictor_depth=predictor_depth,
             predictor_heads=predictor_heads,
@@ -1027,6 +1053,8 @@ class JEPA(nn.Module):
             dim_head=dim_head,
             mlp_dim=mlp_dim,
             use_cls_token=False,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
         )
         self.target_encoder = copy.deepcopy(self.context_encoder)
         self.target_encoder.requires_grad_(False)
