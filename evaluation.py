@@ -76,11 +76,13 @@ def extract_features(encoder, images, pool="mean", batch_size=1024, autocast_dty
     """Return frozen features of `images` from a `ViT` encoder: (N, C, H, W) -> (N, D), float32 on the CPU.
 
     The encoder runs in eval mode without gradients, in batches, on its own
-    device. `pool="mean"` averages the patch tokens of the last layer,
-    `pool="cls"` takes the cls token (the encoder must have one), and
-    `pool="grid"` averages the patch tokens over a 2x2 grid of image regions
-    and concatenates the four averages (N, 4 * D), which keeps a coarse layout.
-    `pool="tokens"` returns every patch token, flattened (N, num_patches * D).
+    device. The last layer's tokens become one vector per image:
+
+    - `pool="mean"`: the mean of the patch tokens, (N, D);
+    - `pool="cls"`: the cls token, (N, D), for encoders that have one;
+    - `pool="grid"`: the means over a 2x2 grid of image regions, concatenated
+      (N, 4 * D), which keeps a coarse layout;
+    - `pool="tokens"`: every patch token, flattened (N, num_patches * D).
     """
     if pool not in ("mean", "cls", "grid", "tokens"):
         raise ValueError(f"pool must be 'mean', 'cls', 'grid' or 'tokens'; got {pool!r}")
@@ -238,6 +240,7 @@ class RepresentationScore:
     """Linear-probe and k-NN accuracy of one kind of frozen features, with what it cost to learn them."""
 
     name: str
+    features: str
     probe_accuracy: float
     knn_accuracy: float
     pretraining_seconds: float
@@ -246,24 +249,42 @@ class RepresentationScore:
     test_features: torch.Tensor
 
 
-def score_representation(name, train_features, train_labels, test_features, test_labels, pretraining_seconds=0.0,
-                         hardware="", probe_config=None):
+def score_representation(name, train_features, train_labels, test_features, test_labels, features="",
+                         pretraining_seconds=0.0, hardware="", probe_config=None):
     """Run the linear probe and the k-NN classifier on one set of features and return a `RepresentationScore`."""
     probe = linear_probe(train_features, train_labels, test_features, test_labels, probe_config)
     knn = knn_accuracy(train_features, train_labels, test_features, test_labels)
-    return RepresentationScore(name, probe.test_accuracy, knn, pretraining_seconds, hardware, probe, test_features)
+    return RepresentationScore(name, features, probe.test_accuracy, knn, pretraining_seconds, hardware, probe,
+                               test_features)
 
 
 def results_table(scores):
-    """Format scores as a Markdown table: method, linear probe, k-NN, pretraining time, hardware."""
-    lines = [
-        "| method | linear probe | k-NN (k=20) | pretraining time | hardware |",
-        "|---|---|---|---|---|",
-    ]
-    for score in scores:
-        minutes = f"{score.pretraining_seconds / 60:.1f} min" if score.pretraining_seconds else "none"
-        lines.append(
-            f"| {score.name} | {100 * score.probe_accuracy:.2f} % | {100 * score.knn_accuracy:.2f} % "
-            f"| {minutes} | {score.hardware or '-'} |"
-        )
+    """Format scores as a Markdown table with one row per method and a probe and a k-NN column per kind of features.
+
+    Scores of the same method (same `name`) share a row; the pretraining time
+    and hardware come from the first score of the method.
+    """
+    kinds = list(dict.fromkeys(score.features for score in scores))
+    methods = list(dict.fromkeys(score.name for score in scores))
+    by_key = {(score.name, score.features): score for score in scores}
+
+    header = ["method"]
+    for kind in kinds:
+        suffix = f" ({kind})" if kind else ""
+        header += [f"linear probe{suffix}", f"k-NN{suffix}"]
+    header += ["pretraining time", "hardware"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    for method in methods:
+        first = next(score for score in scores if score.name == method)
+        cells = [method]
+        for kind in kinds:
+            score = by_key.get((method, kind))
+            if score is None:
+                cells += ["-", "-"]
+            else:
+                cells += [f"{100 * score.probe_accuracy:.2f} %", f"{100 * score.knn_accuracy:.2f} %"]
+        minutes = f"{first.pretraining_seconds / 60:.1f} min" if first.pretraining_seconds else "none"
+        cells += [minutes, first.hardware or "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

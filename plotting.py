@@ -1,7 +1,7 @@
-"""Figures of the notebooks: patches, loss curves and the four MAE panels.
+"""Figures of the notebooks: patches, loss curves, the four MAE panels, JEPA masks and evaluation plots.
 
 Every function returns a matplotlib Figure and leaves it to the caller to
-show, save or close it; `save_figure` writes a PNG and creates its folder.
+show, save or close it. `save_figure` writes a PNG and creates its folder.
 """
 
 from pathlib import Path
@@ -82,7 +82,7 @@ def plot_reconstructions(images, reconstruction, labels=None, class_names=None, 
 
     images: (B, C, H, W) originals; reconstruction: a `classes.Reconstruction`
     of the same batch. One column per image, one row per panel. When the model
-    was trained with normalised pixel targets, the title says that the panels
+    was trained with normalised pixel targets, the title notes that the panels
     were mapped back to pixels with each patch's own statistics.
     """
     rows = [

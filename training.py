@@ -340,7 +340,7 @@ def train(
         checkpoint = load_checkpoint(resume_from, map_location="cpu")
         if checkpoint["model_class"] != type(model).__name__ or checkpoint["model_config"] != model.config:
             raise ValueError(
-                f"checkpoint {str(resume_from)!r} holds a {checkpoint['model_class']} with config "
+                f"checkpoint {str(resume_from)!r} contains a {checkpoint['model_class']} with config "
                 f"{checkpoint['model_config']}, which differs from the model passed in; build the "
                 f"model with that config or start without resume_from"
             )

@@ -174,3 +174,19 @@ def test_results_table_lists_every_method():
     assert table.count("\n") == 3
     assert "| a |" in table
     assert "| b |" in table
+
+
+def test_results_table_has_columns_per_kind_of_features():
+    features, labels = separable_problem()
+    scores = [
+        score_representation("a", features, labels, features, labels, features="mean", pretraining_seconds=120),
+        score_representation("a", features, labels, features, labels, features="tokens"),
+        score_representation("b", features, labels, features, labels, features="mean"),
+    ]
+    lines = results_table(scores).splitlines()
+    assert lines[0].count("linear probe") == 2
+    assert "k-NN (tokens)" in lines[0]
+    assert len(lines) == 4
+    assert "2.0 min" in lines[2]
+    cells_of_b = [cell.strip() for cell in lines[3].strip("|").split("|")]
+    assert cells_of_b[3:5] == ["-", "-"]
