@@ -1,0 +1,73 @@
+"""Smoke test of benchmarks/throughput.py: a --tiny run must finish and print every section.
+
+It checks that the figures are printed, never their values, so it passes on any machine.
+"""
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "throughput.py"
+TIMEOUT_SECONDS = 600  # generous: a --tiny run took about 20 s on a busy 2-core CPU
+
+NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+
+# (what the line reports, a pattern that matches it)
+EXPECTED_LINES = [
+    ("header with the PyTorch version", r"PyTorch \d+\.\d+"),
+    ("header with the thread count", r"torch\.get_num_threads\(\): \d+"),
+    ("epoch seconds", rf"epoch time: {NUMBER} s per epoch of 60,000 images"),
+    ("peak memory", rf"peak memory: {NUMBER} MiB peak resident set size"),
+    ("float32 matmul rate", rf"float32 matmul: +{NUMBER} GFLOP/s"),
+    ("bfloat16 matmul rate", rf"bfloat16 matmul: +{NUMBER} GFLOP/s"),
+    ("adaptation of vit-pytorch", r"adapted vit-pytorch's MAE: .*pos_embedding"),
+    ("token counts", r"use_cls_token=True \(default\) matches the reference's token count in"),
+    ("reference MFLOP per image", rf"reference: +{NUMBER} MFLOP per image"),
+    ("our MFLOP per image", rf"ours \(cls token\): +{NUMBER} MFLOP per image"),
+    ("table header", r"images/s .*/ref f32 .*/ref same .*MFLOP/img .*GFLOP/s .*MFU"),
+    ("reference images/s and MFU", rf"reference, float32 eager +{NUMBER} .* {NUMBER}%$"),
+    ("our images/s, ratio and MFU", rf"ours \(cls token\), float32 eager +{NUMBER} .* {NUMBER} .* {NUMBER}%$"),
+    ("ours without cls token", rf"ours \(no cls token\), float32 eager +{NUMBER}"),
+    ("bfloat16 autocast", rf"ours \(cls token\), bfloat16 eager +{NUMBER}"),
+    ("torch.compile", rf"ours \(cls token\), compile +{NUMBER}"),
+    ("torch.compile with bfloat16", rf"ours \(cls token\), compile-bfloat16 +{NUMBER}"),
+    ("compile time", rf"compile time, ours \(cls token\), compile: about -?{NUMBER} s"),
+    ("loss tolerance", r"tolerance: \d+\.\d% largest relative difference"),
+    ("loss-curve verdict", r"loss curves agree within"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    """Run the benchmark once with --tiny and return the finished process."""
+    if importlib.util.find_spec("vit_pytorch") is None:
+        pytest.fail(
+            "vit-pytorch, the benchmark's reference MAE, is not installed; run "
+            "pip install -r benchmarks/requirements.txt",
+            pytrace=False,
+        )
+    return subprocess.run(
+        # one thread, because two OpenMP threads stall badly when another process keeps a core busy
+        [sys.executable, str(SCRIPT), "--tiny", "--threads", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_SECONDS,
+    )
+
+
+def test_tiny_run_exits_zero(tiny_run):
+    assert tiny_run.returncode == 0, f"stdout:\n{tiny_run.stdout}\nstderr:\n{tiny_run.stderr}"
+
+
+@pytest.mark.parametrize("pattern", [pattern for _, pattern in EXPECTED_LINES],
+                         ids=[name for name, _ in EXPECTED_LINES])
+def test_tiny_run_prints_line(tiny_run, pattern):
+    assert re.search(pattern, tiny_run.stdout, re.MULTILINE), (
+        f"no output line matches {pattern!r}; stdout:\n{tiny_run.stdout}"
+    )
