@@ -200,3 +200,26 @@ def plot_confusion_matrix(matrix, class_names, title="confusion matrix"):
     axis.set_title(title)
     figure.tight_layout()
     return figure
+
+
+def plot_jepa_history(history, collapse_threshold):
+    """Draw the JEPA's loss and its embedding spread side by side, with the collapse threshold marked."""
+    figure, (loss_axis, spread_axis) = plt.subplots(1, 2, figsize=(10, 3.2))
+    for key in ("train_loss", "test_loss"):
+        loss_axis.plot(history["epoch"], history[key], marker="o", markersize=3, label=key.replace("_", " "))
+    loss_axis.set_title("JEPA: smooth-L1 loss on target embeddings")
+    loss_axis.set_ylabel("loss")
+    for key in ("train_target_std", "test_target_std"):
+        if key in history:
+            spread_axis.plot(history["epoch"], history[key], marker="o", markersize=3,
+                             label=key.replace("_target_std", "").replace("_", " "))
+    spread_axis.axhline(collapse_threshold, color="tab:red", linestyle="--", linewidth=1,
+                        label=f"collapse warning ({collapse_threshold})")
+    spread_axis.set_title("embedding spread: std across the batch")
+    spread_axis.set_ylabel("standard deviation")
+    for axis in (loss_axis, spread_axis):
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    return figure
