@@ -79,6 +79,10 @@ def save_checkpoint(path, checkpoint):
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file readable by its owner only; give it the usual permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary_name, 0o666 & ~umask)
         with os.fdopen(handle, "wb") as file:
             torch.save(checkpoint, file)
             file.flush()

@@ -239,3 +239,12 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert "step" in message
     assert "last finite loss" in message
     assert path.read_bytes() == before
+
+
+def test_checkpoint_gets_usual_file_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "model.pt", make_checkpoint(tiny_mae()))
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
