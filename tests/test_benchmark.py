@@ -71,3 +71,27 @@ def test_tiny_run_prints_line(tiny_run, pattern):
     assert re.search(pattern, tiny_run.stdout, re.MULTILINE), (
         f"no output line matches {pattern!r}; stdout:\n{tiny_run.stdout}"
     )
+
+
+def test_profile_script_lists_operators():
+    script = ROOT / "benchmarks" / "profile_step.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--batch-size", "8", "--steps", "1", "--rows", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_SECONDS,
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert re.search(r"== torch\.float32: 1 steps at batch 8", result.stdout), result.stdout
+    assert re.search(r"== torch\.bfloat16: 1 steps at batch 8", result.stdout), result.stdout
+    operator_rows = re.findall(rf"^  aten::\S+ +{NUMBER}%", result.stdout, re.MULTILINE)
+    assert len(operator_rows) >= 2, result.stdout
+
+
+def test_profile_script_rejects_zero_steps():
+    script = ROOT / "benchmarks" / "profile_step.py"
+    result = subprocess.run([sys.executable, str(script), "--steps", "0"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=TIMEOUT_SECONDS)
+    assert result.returncode == 2
+    assert "--steps must be at least 1; got 0" in result.stderr
