@@ -4,6 +4,7 @@ It checks that the figures are printed, never their values, so it passes on any 
 """
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -95,3 +96,21 @@ def test_profile_script_rejects_zero_steps():
                             text=True, timeout=TIMEOUT_SECONDS)
     assert result.returncode == 2
     assert "--steps must be at least 1; got 0" in result.stderr
+
+
+def test_compile_script_times_both_runs(data_dir):
+    if not (data_dir / "MNIST" / "raw").is_dir():
+        pytest.fail(f"MNIST is not in {data_dir}; set MIM_DATA_DIR to the folder that contains MNIST/raw",
+                    pytrace=False)
+    script = ROOT / "benchmarks" / "compile_epochs.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--epochs", "1", "--train-size", "256", "--test-size", "128"],
+        cwd=ROOT,
+        env={**os.environ, "MIM_DATA_DIR": str(data_dir)},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_SECONDS,
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert re.search(rf"^eager +{NUMBER} s in training\.train", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(rf"^compile +{NUMBER} s in training\.train", result.stdout, re.MULTILINE), result.stdout

@@ -1,0 +1,62 @@
+"""Train the notebooks' MAE with `training.train`, eager and under torch.compile, and print the wall times.
+
+throughput.py times steady-state steps. This script measures whether
+compiling pays off over whole epochs, compile time and test-set evaluation
+included. Both runs start from the same seed at the precision that
+`resolve_precision("auto", ...)` picks:
+
+    MIM_DATA_DIR=/path/to/datasets python benchmarks/compile_epochs.py --epochs 2
+"""
+
+import argparse
+import contextlib
+import io
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from classes import MAE  # noqa: E402
+from data import load_dataset  # noqa: E402
+from training import TrainConfig, train  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per run (default 2)")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="keep only the first images of the MNIST training split (default: all 60,000)")
+    parser.add_argument("--test-size", type=int, default=None,
+                        help="keep only the first images of the MNIST test split (default: all 10,000)")
+    args = parser.parse_args()
+    for name in ("epochs", "train_size", "test_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1; got {value}")
+
+    train_set = load_dataset("mnist", "train", limit=args.train_size)
+    test_set = load_dataset("mnist", "test", limit=args.test_size)
+    pixels = dict(pixel_mean=train_set.images.mean().item(), pixel_std=train_set.images.std().item())
+    print(f"PyTorch {torch.__version__}, torch.get_num_threads(): {torch.get_num_threads()}, "
+          f"{len(train_set):,} training and {len(test_set):,} test images, {args.epochs} epochs per run")
+
+    for use_compile in (False, True):
+        torch.manual_seed(0)
+        model = MAE(dim=128, depth=4, heads=4, dim_head=32, mlp_dim=512, use_cls_token=False, **pixels)
+        config = TrainConfig(epochs=args.epochs, lr=1.5e-3, warmup_epochs=1, seed=0, compile=use_compile)
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            history = train(model, train_set, test_set, config, show_progress=False)
+        seconds = time.perf_counter() - started
+        steps = ", ".join(f"{value:.1f}" for value in history["seconds"])
+        losses = ", ".join(f"{value:.4f}" for value in history["test_loss"])
+        print(f"{'compile' if use_compile else 'eager':<8} {seconds:7.1f} s in training.train; "
+              f"training steps per epoch: {steps} s; test loss per epoch: {losses}")
+
+
+if __name__ == "__main__":
+    main()
