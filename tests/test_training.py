@@ -15,6 +15,7 @@ from training import (
     build_optimizer,
     choose_device,
     learning_rate_factor,
+    resolve_compile,
     resolve_precision,
     seed_everything,
     train,
@@ -109,6 +110,50 @@ def test_precision_resolution():
         resolve_precision("half", "cpu")
 
 
+def test_compile_resolution_passes_switches_through():
+    assert resolve_compile(True, "mps", total_steps=1) is True
+    assert resolve_compile(False, "cpu", total_steps=10**6) is False
+    with pytest.raises(ValueError, match="compile must be 'auto', True or False; got 'yes'"):
+        resolve_compile("yes", "cpu", total_steps=10**6)
+
+
+def test_compile_auto_needs_a_long_run_on_linux_with_a_compiler():
+    long_run = training.COMPILE_MIN_STEPS
+    with mock.patch("platform.system", return_value="Linux"), \
+         mock.patch("shutil.which", return_value="/usr/bin/g++"):
+        assert resolve_compile("auto", "cpu", total_steps=long_run) is True
+        assert resolve_compile("auto", "cpu", total_steps=long_run - 1) is False
+        assert resolve_compile("auto", "mps", total_steps=long_run) is False
+        assert resolve_compile("auto", "cpu", total_steps=long_run, fixed_shapes=False) is False
+    with mock.patch("platform.system", return_value="Linux"), mock.patch("shutil.which", return_value=None):
+        assert resolve_compile("auto", "cpu", total_steps=long_run) is False
+    with mock.patch("platform.system", return_value="Darwin"), \
+         mock.patch("shutil.which", return_value="/usr/bin/clang++"):
+        assert resolve_compile("auto", "cpu", total_steps=long_run) is False
+
+
+@pytest.mark.parametrize("setting, compiled", [(True, True), (False, False), ("auto", False)])
+def test_train_compiles_only_when_resolved(setting, compiled, capsys):
+    wrapped = []
+
+    def fake_compile(model):
+        wrapped.append(model)
+        return model
+
+    model = tiny_mae()
+    with mock.patch("torch.compile", side_effect=fake_compile):
+        train(model, tiny_dataset(32), None, quiet_config(epochs=1, compile=setting), show_progress=False)
+    assert wrapped == ([model] if compiled else [])
+    assert ("Compiling the training step" in capsys.readouterr().out) == compiled
+
+
+def test_models_declare_whether_their_shapes_are_fixed():
+    from classes import JEPA
+
+    assert MAE.fixed_shapes and ViT.fixed_shapes
+    assert not JEPA.fixed_shapes
+
+
 def test_learning_rate_warms_up_then_decays():
     factors = [learning_rate_factor(step, 10, 100, 0.01) for step in range(100)]
     assert factors[0] == pytest.approx(0.1)
@@ -129,7 +174,8 @@ def test_optimizer_skips_decay_for_biases_norms_and_tokens():
 @pytest.mark.parametrize(
     "field, value",
     [("epochs", 0), ("batch_size", 0), ("epochs", 1.5), ("lr", 0.0), ("lr", float("nan")),
-     ("min_lr", -1.0), ("warmup_epochs", 5), ("weight_decay", -0.1), ("beta2", 1.0), ("precision", "fp8")],
+     ("min_lr", -1.0), ("warmup_epochs", 5), ("weight_decay", -0.1), ("beta2", 1.0), ("precision", "fp8"),
+     ("compile", "yes")],
 )
 def test_invalid_train_config_raises_before_training(field, value):
     model = tiny_mae()
