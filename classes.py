@@ -986,8 +986,8 @@ class JEPA(nn.Module):
 
     collapse_threshold = 0.05
     # The context and target blocks change size from batch to batch, so
-    # torch.compile recompiles for new shapes; on a 2-core CPU that took 137 s
-    # to save 9 % of an epoch, and `training.resolve_compile` leaves it eager.
+    # torch.compile recompiles for new shapes. On a 2-core CPU that took 137 s
+    # to save 9 % of an epoch, so `training.resolve_compile` leaves it eager.
     fixed_shapes = False
 
     def __init__(

@@ -144,8 +144,8 @@ def resolve_precision(precision, device):
 
 # Below this many optimizer steps "auto" trains eagerly. On a 2-core CPU,
 # compiling the notebooks' MAE took about 50 s with an empty inductor cache
-# (12 s with a warm one), and each compiled epoch then took 7 % to 20 % less
-# time; at batch 256 that pays back after about 2,000 steps (8.5 MNIST epochs).
+# and 12 s with a warm one. Each compiled epoch then took 7 % to 23 % less
+# time, so at batch 256 compiling pays back after about 2,000 steps.
 COMPILE_MIN_STEPS = 2000
 
 
@@ -169,20 +169,20 @@ def can_compile(device):
     return False
 
 
-def resolve_compile(compile, device, total_steps, fixed_shapes=True):
-    """Turn "auto", True or False into whether `train` runs its steps through torch.compile.
+def resolve_compile(setting, device, total_steps, fixed_shapes=True):
+    """Turn the compile setting ("auto", True or False) into whether `train` uses torch.compile.
 
-    "auto" compiles only a model with `fixed_shapes` (the MAE and the ViT; the
-    JEPA's masks change shape every batch, which makes torch.compile
-    recompile), only for runs of at least COMPILE_MIN_STEPS optimizer steps,
-    since a shorter run spends more time compiling than it saves, and only on
-    Linux CPUs and CUDA GPUs where `can_compile` holds. Apple MPS and other
-    systems stay eager, as they were never measured.
+    "auto" compiles only a model with `fixed_shapes`, which the MAE and the
+    ViT have. The JEPA's masks change shape every batch, which makes
+    torch.compile recompile. "auto" also needs a run of at least
+    COMPILE_MIN_STEPS optimizer steps, because a shorter run spends more time
+    compiling than it saves, and a Linux CPU or CUDA GPU where `can_compile`
+    holds. Apple MPS and other systems stay eager, as they were never measured.
     """
-    if compile is True or compile is False:
-        return compile
-    if compile != "auto":
-        raise ValueError(f"compile must be 'auto', True or False; got {compile!r}")
+    if setting is True or setting is False:
+        return setting
+    if setting != "auto":
+        raise ValueError(f"compile must be 'auto', True or False; got {setting!r}")
     return fixed_shapes and total_steps >= COMPILE_MIN_STEPS and can_compile(device)
 
 
