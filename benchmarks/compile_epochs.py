@@ -1,11 +1,12 @@
-"""Train the notebooks' MAE with `training.train`, eager and under torch.compile, and print the wall times.
+"""Train one of the notebooks' models with `training.train`, eager and under torch.compile, and print the wall times.
 
 throughput.py times steady-state steps. This script measures whether
 compiling pays off over whole epochs, compile time and test-set evaluation
-included. Both runs start from the same seed at the precision that
-`resolve_precision("auto", ...)` picks:
+included, for the notebooks' MAE, JEPA or supervised ViT. Both runs start
+from the same seed at the precision that `resolve_precision("auto", ...)`
+picks:
 
-    MIM_DATA_DIR=/path/to/datasets python benchmarks/compile_epochs.py --epochs 2
+    MIM_DATA_DIR=/path/to/datasets python benchmarks/compile_epochs.py --model jepa --epochs 2
 """
 
 import argparse
@@ -20,14 +21,29 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from classes import MAE  # noqa: E402
+from classes import JEPA, MAE, ViT  # noqa: E402
 from data import load_dataset  # noqa: E402
 from throughput import MAE_CONFIG  # noqa: E402  (the configuration that the benchmark times)
 from training import TrainConfig, train  # noqa: E402
 
 
+# the notebooks' encoder shape: the benchmark's configuration without the MAE's decoder settings
+ENCODER_SHAPE = {key: MAE_CONFIG[key] for key in ("dim", "depth", "heads", "dim_head", "mlp_dim")}
+
+
+def build_model(name, pixels):
+    """Build the notebooks' MAE, JEPA or supervised ViT from the current random state."""
+    if name == "mae":
+        return MAE(**MAE_CONFIG, use_cls_token=False, **pixels)
+    if name == "jepa":
+        return JEPA(**ENCODER_SHAPE, **pixels)
+    return ViT(**ENCODER_SHAPE, **pixels, use_cls_token=False, num_classes=10)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("mae", "jepa", "vit"), default="mae",
+                        help="the notebooks' MAE, JEPA or supervised ViT (default mae)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run (default 2)")
     parser.add_argument("--train-size", type=int, default=None,
                         help="keep only the first images of the MNIST training split (default: all 60,000)")
@@ -43,12 +59,14 @@ def main():
     test_set = load_dataset("mnist", "test", limit=args.test_size)
     pixels = dict(pixel_mean=train_set.images.mean().item(), pixel_std=train_set.images.std().item())
     print(f"PyTorch {torch.__version__}, torch.get_num_threads(): {torch.get_num_threads()}, "
-          f"{len(train_set):,} training and {len(test_set):,} test images, {args.epochs} epochs per run")
+          f"{len(train_set):,} training and {len(test_set):,} test images, {args.epochs} epochs per run, "
+          f"model {args.model}")
 
     for use_compile in (False, True):
         torch.manual_seed(0)
-        model = MAE(**MAE_CONFIG, use_cls_token=False, **pixels)
-        config = TrainConfig(epochs=args.epochs, lr=1.5e-3, warmup_epochs=1, seed=0, compile=use_compile)
+        model = build_model(args.model, pixels)
+        lr = 1e-3 if args.model == "vit" else 1.5e-3  # the notebooks' learning rates
+        config = TrainConfig(epochs=args.epochs, lr=lr, warmup_epochs=1, seed=0, compile=use_compile)
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             history = train(model, train_set, test_set, config, show_progress=False)

@@ -23,6 +23,7 @@ EXPECTED_LINES = [
     ("header with the PyTorch version", r"PyTorch \d+\.\d+"),
     ("header with the thread count", r"torch\.get_num_threads\(\): \d+"),
     ("epoch seconds", rf"epoch time: {NUMBER} s per epoch of 60,000 images"),
+    ("compile choice of the notebooks", r"torch\.compile: (yes|no) \(training\.resolve_compile"),
     ("peak memory", rf"peak memory: {NUMBER} MiB peak resident set size"),
     ("float32 matmul rate", rf"float32 matmul: +{NUMBER} GFLOP/s"),
     ("bfloat16 matmul rate", rf"bfloat16 matmul: +{NUMBER} GFLOP/s"),
@@ -114,3 +115,11 @@ def test_compile_script_times_both_runs(data_dir):
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert re.search(rf"^eager +{NUMBER} s in training\.train", result.stdout, re.MULTILINE), result.stdout
     assert re.search(rf"^compile +{NUMBER} s in training\.train", result.stdout, re.MULTILINE), result.stdout
+
+
+def test_compile_script_rejects_unknown_model():
+    script = ROOT / "benchmarks" / "compile_epochs.py"
+    result = subprocess.run([sys.executable, str(script), "--model", "resnet"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=TIMEOUT_SECONDS)
+    assert result.returncode == 2
+    assert "invalid choice: 'resnet'" in result.stderr
