@@ -91,10 +91,15 @@ def test_profile_script_lists_operators():
     assert len(operator_rows) >= 2, result.stdout
 
 
+def run_benchmark_script(name, *arguments):
+    """Run benchmarks/<name> with `arguments` from the repository root and return the finished process."""
+    script = ROOT / "benchmarks" / name
+    return subprocess.run([sys.executable, str(script), *arguments], cwd=ROOT, capture_output=True, text=True,
+                          timeout=TIMEOUT_SECONDS)
+
+
 def test_profile_script_rejects_zero_steps():
-    script = ROOT / "benchmarks" / "profile_step.py"
-    result = subprocess.run([sys.executable, str(script), "--steps", "0"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=TIMEOUT_SECONDS)
+    result = run_benchmark_script("profile_step.py", "--steps", "0")
     assert result.returncode == 2
     assert "--steps must be at least 1; got 0" in result.stderr
 
@@ -118,8 +123,6 @@ def test_compile_script_times_both_runs(data_dir):
 
 
 def test_compile_script_rejects_unknown_model():
-    script = ROOT / "benchmarks" / "compile_epochs.py"
-    result = subprocess.run([sys.executable, str(script), "--model", "resnet"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=TIMEOUT_SECONDS)
+    result = run_benchmark_script("compile_epochs.py", "--model", "resnet")
     assert result.returncode == 2
     assert "invalid choice: 'resnet'" in result.stderr

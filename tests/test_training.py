@@ -117,7 +117,7 @@ def test_compile_resolution_passes_switches_through():
         resolve_compile("yes", "cpu", total_steps=10**6)
 
 
-def test_compile_auto_needs_a_long_run_on_linux_with_a_compiler():
+def test_compile_auto_conditions():
     long_run = training.COMPILE_MIN_STEPS
     with mock.patch("platform.system", return_value="Linux"), \
          mock.patch("shutil.which", return_value="/usr/bin/g++"):
